@@ -11,8 +11,8 @@ from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen2VLImageProcessorP
 
 from probes.backbones.base import BackboneAdapter, LoadSettings
 from probes.backbones.processing import (
-    IMAGE_PAD_ID,
     IM_END_ID,
+    IMAGE_PAD_ID,
     PAD_ID,
     VIDEO_PAD_ID,
     VISION_END_ID,
