@@ -1,0 +1,222 @@
+"""Sub-commands of the analysis flow: data → backbone → capture (→ probes → figures → recommendation).
+
+Each entry of :data:`COMMANDS` is ``name: (add_arguments, run, help)``; ``run(args)`` returns the
+JSON-able summary that ``analysis.py`` prints. The functions called here hold the work; this module
+only maps options onto them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from probes.errors import BadInputError
+from probes.storage import write_json
+
+DEFAULT_MODEL = "mini-vl"
+
+
+# --- shared options ------------------------------------------------------------------------------
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="built-in name (mini-vl, tiny-qwen2.5-vl, tiny-qwen2-vl), a local model folder, "
+                        "or a hub id already in the local cache (default: %(default)s, the embedded default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model dtype; bfloat16 on GPUs (default: %(default)s)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
+                   help="attention implementation, where the backbone allows it (default: %(default)s)")
+    p.add_argument("--image-pixels", type=int, default=None,
+                   help="Qwen backbones: fixed pixel budget (min = max pixels), e.g. 262144 as in the paper")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow code shipped with a checkpoint to run (off by default)")
+
+
+def load_model(args) -> Any:
+    from probes.backbones import load_backbone
+
+    options = {"image_pixels": args.image_pixels} if args.image_pixels else {}
+    return load_backbone(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device,
+                         trust_remote_code=args.trust_remote_code, **options)
+
+
+def add_data_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None,
+                   help="a manifest (.jsonl/.json) or a folder holding manifest.jsonl; default: the embedded "
+                        "forensic-mini set (built if needed)")
+
+
+def resolve_manifest(data: str | None, preset: str = "default") -> Path:
+    if data is None:
+        return embedded_data(preset).manifest_path
+    path = Path(data)
+    if path.is_dir():
+        path = path / "manifest.jsonl"
+    if not path.is_file():
+        raise BadInputError(data, "no manifest here (pass a manifest file or a folder with manifest.jsonl)")
+    return path
+
+
+def embedded_data(preset: str = "default"):
+    from probes.data import ForensicMiniConfig, build_forensic_mini
+
+    return build_forensic_mini(ForensicMiniConfig.preset(preset))
+
+
+def finish(summary: dict[str, Any], out: str | None, name: str) -> dict[str, Any]:
+    """Write the run summary beside the outputs when ``--out`` is given."""
+    if out:
+        write_json(Path(out) / f"{name}.json", summary)
+    return summary
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+DATA_HELP = """Build the embedded data set, or normalise your own.
+
+Without options: builds "forensic-mini" into the cache (real photos from PyPI and Debian packages,
+content-aligned fakes from pretrained generators shipped in wheels, semantic-cue composites, distractors),
+every image 128x128 PNG of one byte length so that neither size, format nor file length leaks the label.
+A finished build is reused in well under a second; an interrupted one resumes.
+
+Your own data gets the same de-biasing (centre crop, fixed size, identical PNG re-encoding; the original
+size/format/bytes are kept in orig_* columns for the confound probe):
+  --deepvrm-json FILE   Deep-VRM / ms-swift JSON or JSONL rows (e.g. DATA/Test/eval_data.json)
+  --genimage DIR        GenImage-style folders {generator}/{train,val}/{ai,nature}/
+"""
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="default", choices=["default", "small"],
+                   help="forensic-mini size: default (~4,500 images) or small (tests)")
+    p.add_argument("--config", default=None, help="a ForensicMiniConfig JSON file (overrides --preset)")
+    p.add_argument("--deepvrm-json", default=None, metavar="FILE", help="normalise a Deep-VRM JSON/JSONL file")
+    p.add_argument("--image-root", default=None, help="with --deepvrm-json: folder the image paths are relative to")
+    p.add_argument("--genimage", default=None, metavar="DIR", help="normalise a GenImage-style folder tree")
+    p.add_argument("--size", type=int, default=128, help="user data: square side in pixels (default: %(default)s)")
+    p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
+                   help="a bad image or row: stop with its one-line error, or skip it and list it in the summary")
+    p.add_argument("--out", default=None, help="where to write (default: under the cache)")
+
+
+def run_data(args) -> dict[str, Any]:
+    from probes.data import ForensicMiniConfig, build_forensic_mini, load_deepvrm_json, load_genimage
+
+    if args.deepvrm_json:
+        ds = load_deepvrm_json(args.deepvrm_json, image_root=args.image_root, size=args.size,
+                               on_error=args.on_error, out=args.out)
+        return ds.summary()
+    if args.genimage:
+        return load_genimage(args.genimage, size=args.size, on_error=args.on_error, out=args.out).summary()
+    config = ForensicMiniConfig.load(args.config) if args.config else ForensicMiniConfig.preset(args.preset)
+    report = build_forensic_mini(config, root=args.out)
+    return report.to_dict()
+
+
+# --- backbone ------------------------------------------------------------------------------------
+
+BACKBONE_HELP = """Pretrain the embedded default backbone, mini-VL, on forensic-mini's semantic questions.
+
+mini-VL = the ImageNet-pretrained EfficientNet-Lite0 shipped in a wheel (frozen vision tower) + a projector
++ a Qwen2.5-VL text decoder (M-RoPE). Only the projector and decoder are trained, on "What is in this
+image?" and "What kind of scene is this?" (train split), never on real/fake labels. The tower's features
+are cached, the run is deterministic and resumes after a kill. Prints held-out semantic accuracy beside two
+baselines on the same split (EfficientNet linear probe, colour histogram).
+"""
+
+
+def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_option(p)
+    p.add_argument("--preset", default="default", choices=["default", "small"], help="embedded data preset")
+    p.add_argument("--config", default=None, help="a PretrainConfig JSON file (default settings otherwise)")
+    p.add_argument("--out", default=None, help="checkpoint folder (default: <cache>/backbones/mini-vl-<hash>)")
+
+
+def run_backbone(args) -> dict[str, Any]:
+    from probes.backbones.pretrain import PretrainConfig, pretrain_mini_vl
+
+    data_dir = resolve_manifest(args.data, args.preset).parent
+    config = PretrainConfig.load(args.config) if args.config else PretrainConfig()
+    return pretrain_mini_vl(config, data_dir, out=args.out)
+
+
+# --- capture -------------------------------------------------------------------------------------
+
+CAPTURE_HELP = """Capture per-layer hidden states with nnsight into the activation cache.
+
+For every image: the input of decoder layer 0 (vision features scattered in) and the output of every
+decoder layer, at the image-token positions (mean-pooled; per token with --per-token) and at the last
+token. Stored in shards keyed by provenance (weights, processor, prompt, positions, dtype, attention,
+manifest); a store of another provenance is refused, and an interrupted capture resumes.
+"""
+
+
+def add_capture_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    add_data_option(p)
+    p.add_argument("--positions", default="image_mean,last", help="comma-separated: image_mean, last")
+    p.add_argument("--per-token", action="store_true", help="also store every image token (large)")
+    p.add_argument("--prompt", default=None, help="one prompt for every row (default: each row's own)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--store-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--on-error", default="stop", choices=["stop", "skip"])
+    p.add_argument("--out", default=None, help="store folder (default: <cache>/activations/<key>)")
+
+
+def run_capture(args) -> dict[str, Any]:
+    from probes.capture import capture
+    from probes.data import read_manifest
+
+    manifest = resolve_manifest(args.data)
+    backbone = load_model(args)
+    report = capture(
+        backbone, read_manifest(manifest), manifest.parent,
+        positions=[s for s in args.positions.split(",") if s], per_token=args.per_token, prompt=args.prompt,
+        batch_size=args.batch_size, store_dtype=args.store_dtype, on_error=args.on_error, store=args.out,
+    )
+    return report.to_dict()
+
+
+# --- all -----------------------------------------------------------------------------------------
+
+ALL_HELP = """The main job on the embedded default: data → backbone → capture.
+
+Every step reuses what is already built, so a second run takes seconds.
+"""
+
+
+def add_all_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="default", choices=["default", "small"], help="embedded data preset")
+    p.add_argument("--out", default=None, help="also write the summary here")
+
+
+def run_all(args) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    steps: dict[str, Any] = {}
+    data = embedded_data(args.preset)
+    steps["data"] = {"path": str(data.path), "manifest_hash": data.manifest_hash, "reused": data.reused,
+                     "rows": data.counts["manifest"]["rows"]}
+    print(f"[data] forensic-mini: {data.path}", flush=True)
+    backbone = run_backbone(argparse.Namespace(data=str(data.path), preset=args.preset, config=None, out=None))
+    steps["backbone"] = {k: backbone[k] for k in ("path", "accuracy", "baselines", "bar") if k in backbone}
+    print(f"[backbone] mini-VL: {backbone.get('path')}", flush=True)
+    cap = run_capture(argparse.Namespace(
+        model=DEFAULT_MODEL, device="cpu", dtype="float32", attn="sdpa", image_pixels=None,
+        trust_remote_code=False, data=str(data.path), positions="image_mean,last", per_token=False,
+        prompt=None, batch_size=16, store_dtype="float16", on_error="stop", out=None,
+    ))
+    steps["capture"] = cap
+    print(f"[capture] activations: {cap.get('store')}", flush=True)
+    return finish({"steps": steps, "seconds": round(time.perf_counter() - t0, 1)}, args.out, "all")
+
+
+COMMANDS = {
+    "all": (add_all_arguments, run_all, ALL_HELP),
+    "data": (add_data_arguments, run_data, DATA_HELP),
+    "backbone": (add_backbone_arguments, run_backbone, BACKBONE_HELP),
+    "capture": (add_capture_arguments, run_capture, CAPTURE_HELP),
+}
