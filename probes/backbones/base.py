@@ -73,7 +73,7 @@ class BackboneAdapter(ABC):
         self.processor = processor
         self.source = source
         self.settings = settings
-        self._fingerprint: str | None = None
+        self._fingerprint: tuple[tuple[int, ...], str] | None = None  # (parameter versions, hash)
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
@@ -175,14 +175,18 @@ class BackboneAdapter(ABC):
 
     # --- provenance ----------------------------------------------------------------------------
     def weights_fingerprint(self) -> str:
-        """A hash of the weights (names, shapes, dtypes, values); sampled per tensor for big models."""
-        if self._fingerprint is None:
+        """A hash of the weights (names, shapes, dtypes, values); sampled per tensor for big models.
+
+        Cached until a parameter changes in place (an optimiser step bumps its version counter).
+        """
+        versions = tuple(p._version for p in self.model.parameters())
+        if self._fingerprint is None or self._fingerprint[0] != versions:
             state = self.model.state_dict()
             n = sum(t.numel() for t in state.values())
             if n > _FULL_HASH_LIMIT:
                 state = {f"{k}|{tuple(v.shape)}": _sample(v) for k, v in state.items()}
-            self._fingerprint = hash_state_dict(state)
-        return self._fingerprint
+            self._fingerprint = (versions, hash_state_dict(state))
+        return self._fingerprint[1]
 
     @abstractmethod
     def processor_settings(self) -> dict[str, Any]:

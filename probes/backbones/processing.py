@@ -15,7 +15,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLProcessor
 
-from probes.data.manifest import IMAGE_TAG
+from probes.data.manifest import IMAGE_TAG, OBJECT_PROMPT, SCENE_PROMPT
+from probes.data.sources import OBJECT_CLASSES, SCENE_CLASSES
 
 # Qwen's special tokens, in the order that fixes their ids in the small vocabularies (0..7).
 SPECIAL_TOKENS = (
@@ -43,20 +44,7 @@ FORENSIC_PROMPTS = (
     "must be one of these options. <image>",
     "After analyzing this image, are there clear signs of AI generation? Answer 'yes' or 'no'. <image>",
 )
-SEMANTIC_PROMPTS = ("What is in this image? <image>", "What kind of scene is this? <image>")
-OBJECT_CLASSES = ("mammal", "bird", "fish", "insect", "fruit", "vegetable", "flower", "tree", "vehicle", "tool")
-SCENE_CLASSES = (
-    "animal",
-    "plant",
-    "food",
-    "landscape",
-    "building",
-    "object",
-    "person",
-    "vehicle",
-    "texture",
-    "science",
-)
+SEMANTIC_PROMPTS = (OBJECT_PROMPT, SCENE_PROMPT)
 ANSWER_WORDS = ("real", "fake", "yes", "no", "natural", "ai-generated", "user", "assistant", "system")
 
 # Chat template of the small models: Qwen's turn structure, words separated by spaces.

@@ -93,9 +93,13 @@ def build_tiny(
     num_layers: int = 8,
     hidden: int = 128,
     seed: int = 0,
+    image_pixels: int = TINY_IMAGE_PIXELS,
     settings: LoadSettings | None = None,
 ) -> BackboneAdapter:
-    """A tiny model of ``family`` with seeded random weights, wrapped in its adapter."""
+    """A tiny model of ``family`` with seeded random weights, wrapped in its adapter.
+
+    ``image_pixels`` fixes the processor's pixel budget (default 112 x 112, 16 image tokens).
+    """
     settings = settings or LoadSettings()
     config = tiny_config(family, num_layers=num_layers, hidden=hidden)
     adapter_cls = Qwen2_5_VLAdapter if family == "qwen2_5_vl" else Qwen2VLAdapter
@@ -105,4 +109,4 @@ def build_tiny(
     )
     model = model.to(settings.device).eval()
     source = f"tiny-{family}:layers={num_layers},hidden={hidden},seed={seed}"
-    return adapter_cls(model, tiny_processor(family), source=source, settings=settings)
+    return adapter_cls(model, tiny_processor(family, image_pixels), source=source, settings=settings)

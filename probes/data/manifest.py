@@ -8,7 +8,7 @@ One row per image (JSON array or JSONL)::
      "images": ["images/fm-00042.png"],
      "label": "fake", "source_id": "photo/cv_baboon", "scene_id": "scene-0042", "object_id": null,
      "semantic_class": "animal", "scene_class": "animal", "generator": "cyclegan", "cue": "trace",
-     "split": "test", "fold": 8, ...}
+     "split": "test", "fold": 8, "kind": "photo", "post": "none", ...}
 
 Image paths are relative to the manifest's folder unless absolute. ``source_id`` is the grouping key
 for every split (the source photo); ``scene_id`` ties an image to its content-aligned partners (the
@@ -19,6 +19,7 @@ written back unchanged.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,7 +32,11 @@ IMAGE_TAG = "<image>"
 LABELS = ("real", "fake")
 CUES = ("semantic", "trace", "none")
 SPLITS = ("train", "val", "test")
+KINDS = ("photo", "composite")  # how a real image (and so its fakes) was made
+POSTS = ("none", "jpeg_double", "resize_roundtrip")  # post-processing of a real distractor
 DEFAULT_PROMPT = "Is this image real or fake? Please just answer 'real' or 'fake'. <image>"
+OBJECT_PROMPT = "What is in this image? <image>"
+SCENE_PROMPT = "What kind of scene is this? <image>"
 
 
 @dataclass
@@ -52,6 +57,8 @@ class Record:
     split: str | None = None
     fold: int | None = None
     d1_kind: str | None = None
+    kind: str | None = None
+    post: str | None = None
     width: int | None = None
     height: int | None = None
     format: str | None = None
@@ -113,8 +120,9 @@ class Record:
             raise BadInputError(where, f"label {kwargs['label']!r} is not one of {LABELS}")
         if kwargs.get("cue") is not None and kwargs["cue"] not in CUES:
             raise BadInputError(where, f"cue {kwargs['cue']!r} is not one of {CUES}")
-        if kwargs.get("split") is not None and kwargs["split"] not in SPLITS:
-            raise BadInputError(where, f"split {kwargs['split']!r} is not one of {SPLITS}")
+        for name, allowed in (("split", SPLITS), ("kind", KINDS), ("post", POSTS)):
+            if kwargs.get(name) is not None and kwargs[name] not in allowed:
+                raise BadInputError(where, f"{name} {kwargs[name]!r} is not one of {allowed}")
         extra = {k: v for k, v in row.items() if k not in known}
         return cls(**kwargs, extra=extra)
 
@@ -187,3 +195,28 @@ def write_manifest(path: str | Path, records: Sequence[Record]) -> str:
 
 def manifest_hash(path: str | Path) -> str:
     return hash_bytes(Path(path).read_bytes())
+
+
+SUMMARY_COLUMNS = (
+    *("label", "generator", "cue", "split", "kind", "post"),
+    *("d1_kind", "semantic_class", "scene_class"),
+)
+
+
+def summarize(records: Sequence[Record]) -> dict[str, Any]:
+    """Row counts per value of each column, and the original file formats per label (JSON-able).
+
+    The last table is the confound check: real JPEGs against fake PNGs (as in GenImage) show up there.
+    """
+    out: dict[str, Any] = {"rows": len(records)}
+    for col in SUMMARY_COLUMNS:
+        out[col] = _count(str(getattr(r, col)) for r in records)
+    by_label: dict[str, list[str]] = {}
+    for r in records:
+        by_label.setdefault(str(r.label), []).append(str(r.orig_format))
+    out["orig_format_by_label"] = {label: _count(fmts) for label, fmts in sorted(by_label.items())}
+    return out
+
+
+def _count(values: Iterable[str]) -> dict[str, int]:
+    return dict(sorted(Counter(values).items()))
