@@ -1,0 +1,197 @@
+"""Layer-wise probing of a captured store: every task, its control, CIs, per-generator views, confounds.
+
+>>> store = ActivationStore.open(report.store)
+>>> result = run_layerwise(store, read_manifest(manifest), LayerwiseConfig())
+>>> result.curves          # task, layer, metric, estimate, lo, hi  (the emergence curves)
+>>> result.selectivity     # task, layer, task, control, estimate, lo, hi
+>>> result.save(out_dir)   # CSV + JSON beside the figures
+
+Every number comes from out-of-fold predictions of probes fit by :func:`probes.linear.sweep` (nested
+grouped CV, several seeds) and a bootstrap over images (:mod:`probes.stats`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from probes import stats
+from probes.cache import ActivationStore
+from probes.data.manifest import Record
+from probes.errors import BadInputError, ConfigError
+from probes.linear import DEFAULT_CS, SweepResult, sweep
+from probes.storage import hash_json, read_json, write_json
+from probes.tasks import HELD_OUT, Task, build_task, confound_features, generator_tasks
+
+METRICS = ("accuracy", "roc_auc", "average_precision")
+MIN_GROUPS_PER_CLASS = 4  # outer and inner grouped folds both need each class on both sides
+
+
+@dataclass
+class LayerwiseConfig:
+    """What a layer-wise run computes; recorded (and hashed) with its results."""
+
+    tasks: tuple[str, ...] = ("semantic", "scene", "d1", "d2")
+    generators: bool = True  # add gen:<family> for every trace family present
+    position: str = "last"
+    splits: tuple[str, ...] | None = HELD_OUT
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_folds: int = 5
+    inner_folds: int = 3
+    Cs: tuple[float, ...] = DEFAULT_CS
+    n_boot: int = 1000
+    control_seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self):
+        self.tasks, self.seeds, self.Cs = tuple(self.tasks), tuple(self.seeds), tuple(self.Cs)
+        self.splits = None if self.splits is None else tuple(self.splits)
+        if len(self.seeds) < 1:
+            raise ConfigError("seeds", "need at least one seed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerwiseConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"layerwise config keys {sorted(unknown)}", "unknown")
+        return cls(**d)
+
+    @property
+    def hash(self) -> str:
+        return hash_json({k: v for k, v in self.to_dict().items() if k != "device"})
+
+
+@dataclass
+class LayerwiseResult:
+    """Tidy tables of a run (see the module docstring) and its provenance."""
+
+    curves: pd.DataFrame  # task, layer, metric, estimate, lo, hi, n_boot
+    selectivity: pd.DataFrame  # task, layer, task_value, control_value, estimate, lo, hi
+    folds: pd.DataFrame  # task, layer, seed, fold, C, accuracy, roc_auc, average_precision, n_train, n_test
+    confound: dict[str, Any]
+    tasks: dict[str, dict[str, Any]]  # per task: description, n, counts, groups, group_key
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out: str | Path) -> None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("curves", "selectivity", "folds"):
+            getattr(self, name).to_csv(out / f"{name}.csv", index=False)
+        write_json(out / "layerwise.json", {"confound": self.confound, "tasks": self.tasks,
+                                            "provenance": self.provenance})
+
+    @classmethod
+    def load(cls, out: str | Path) -> LayerwiseResult:
+        out = Path(out)
+        meta = read_json(out / "layerwise.json")
+        tables = {n: pd.read_csv(out / f"{n}.csv") for n in ("curves", "selectivity", "folds")}
+        return cls(**tables, **meta)
+
+    def curve(self, task: str, metric: str = "accuracy") -> pd.DataFrame:
+        c = self.curves
+        return c[(c.task == task) & (c.metric == metric)].sort_values("layer")
+
+
+def run_layerwise(
+    store: ActivationStore, records: Sequence[Record], config: LayerwiseConfig | None = None, progress: bool = True
+) -> LayerwiseResult:
+    """Probe every task of ``config`` on ``store`` (captured from ``records``, matched by id)."""
+    config = config or LayerwiseConfig()
+    ids, X = store.load(config.position)
+    where = {i: n for n, i in enumerate(ids)}
+    names = list(config.tasks) + (generator_tasks(records, config.splits) if config.generators else [])
+    curves, sel, folds, meta = [], [], [], {}
+    for name in tqdm(names, desc="probing tasks", disable=not progress):
+        task, dropped = build_task(name, records, config.splits).without_thin_classes(MIN_GROUPS_PER_CLASS)
+        rows = _store_rows(task, records, where)
+        n_folds = _folds(task, config)
+        result = _sweep(X[rows], task, config, n_folds)
+        control = _sweep(X[rows], task.control(config.control_seed), config, n_folds, folds=result.folds)
+        curves.append(_curves(name, result, config))
+        sel.append(_selectivity(name, result, control, config))
+        folds.append(result.table.assign(task=name))
+        meta[name] = {"description": task.description, "n": len(task), "counts": task.counts,
+                      "groups": int(len(set(task.groups))), "group_key": task.group_key,
+                      "dropped_classes": dropped, "n_folds": n_folds[0]}
+    confound = confound_probe(records, build_task("d2", records, config.splits), config)
+    return LayerwiseResult(
+        curves=pd.concat(curves, ignore_index=True),
+        selectivity=pd.concat(sel, ignore_index=True),
+        folds=pd.concat(folds, ignore_index=True),
+        confound=confound,
+        tasks=meta,
+        provenance={"store": store.provenance, "store_path": str(store.path), "config": config.to_dict(),
+                    "config_hash": config.hash},
+    )
+
+
+def _store_rows(task: Task, records: Sequence[Record], where: dict[str, int]) -> np.ndarray:
+    missing = [records[i].id for i in task.rows if records[i].id not in where]
+    if missing:
+        raise BadInputError(missing[0], f"not captured in the store ({len(missing)} rows of task {task.name} missing)")
+    return np.array([where[records[i].id] for i in task.rows], dtype=np.int64)
+
+
+def _folds(task: Task, config: LayerwiseConfig) -> tuple[int, int]:
+    """Outer and inner fold counts that every class can fill with whole groups."""
+    fewest = min(task.groups_per_class().values())
+    outer = max(2, min(config.n_folds, fewest))
+    inner = max(2, min(config.inner_folds, fewest - -(-fewest // outer)))
+    return outer, inner
+
+
+def _sweep(X: np.ndarray, task: Task, config: LayerwiseConfig, n_folds: tuple[int, int],
+           folds: np.ndarray | None = None) -> SweepResult:
+    outer, inner = n_folds
+    return sweep(np.asarray(X, dtype=np.float32), task.labels, task.groups, n_folds=outer, seeds=config.seeds,
+                 Cs=config.Cs, inner_folds=inner, folds=folds, device=config.device)
+
+
+def _curves(name: str, result: SweepResult, config: LayerwiseConfig) -> pd.DataFrame:
+    out = []
+    for metric in METRICS:
+        ci = stats.bootstrap_ci(result.labels, result.scores, metric=metric, n_boot=config.n_boot,
+                                layers=result.layers)
+        out.append(ci.assign(task=name, metric=metric))
+    return pd.concat(out, ignore_index=True)
+
+
+def _selectivity(name: str, result: SweepResult, control: SweepResult, config: LayerwiseConfig) -> pd.DataFrame:
+    sel = stats.selectivity(result.labels, result.scores, control.labels, control.scores, metric="accuracy",
+                            n_boot=config.n_boot, layers=result.layers)
+    return sel.assign(task=name)
+
+
+def confound_probe(records: Sequence[Record], task: Task, config: LayerwiseConfig) -> dict[str, Any]:
+    """A probe on file-level features only (size, bytes, format), on ``task``'s rows; must sit at chance.
+
+    ``warning`` is set when its AUC CI lies above 0.5: the label then leaks through the files.
+    """
+    feats = confound_features(records, task.rows)
+    outer, inner = _folds(task, config)
+    result = sweep(feats, task.labels, task.groups, n_folds=outer, seeds=config.seeds, Cs=config.Cs, inner_folds=inner)
+    auc = stats.bootstrap_ci(result.labels, result.scores, metric="roc_auc", n_boot=config.n_boot).iloc[0]
+    acc = stats.bootstrap_ci(result.labels, result.scores, metric="accuracy", n_boot=config.n_boot).iloc[0]
+    constant = bool(np.ptp(feats[:, 0, :], axis=0).max() == 0)
+    out = {
+        "task": task.name,
+        "features": "width, height, bytes, format (stored file) and orig_* (original file)",
+        "all_features_constant": constant,
+        "roc_auc": [float(auc.estimate), float(auc.lo), float(auc.hi)],
+        "accuracy": [float(acc.estimate), float(acc.lo), float(acc.hi)],
+        "majority_rate": float(np.bincount(task.labels).max() / len(task)),
+        "at_chance": bool(auc.lo <= 0.5),
+    }
+    if not out["at_chance"]:
+        out["warning"] = (f"CONFOUND: file size/format/bytes alone predict {task.name} labels (AUC "
+                          f"{auc.estimate:.3f} [{auc.lo:.3f}, {auc.hi:.3f}]); re-encode the data identically")
+    return out
