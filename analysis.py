@@ -18,9 +18,10 @@ import json
 import os
 import sys
 
+from injection import cli as injection_cli
 from probes import cli as probes_cli
 
-COMMAND_GROUPS = [probes_cli]
+COMMAND_GROUPS = [probes_cli, injection_cli]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -181,6 +181,136 @@ def run_capture(args) -> dict[str, Any]:
     return report.to_dict()
 
 
+# --- probe / recommend-depth --------------------------------------------------------------------
+
+PROBE_HELP = """Layer-wise linear probes with real statistics, and the emergence figures.
+
+Captures what is needed (reusing the cache), then for every task fits L2-logistic probes on every layer
+(nested grouped CV for the regularisation, several seeds), with 95% bootstrap CIs, a control task with
+random labels (selectivity = task - control), per-generator probes, and a confound probe on file size,
+format and byte length alone (which must sit at chance). Tasks: semantic (object class), scene, d1
+(semantic-cue fakes vs their twins), d2 (trace-only fakes vs the images they re-render), gen:<family>.
+Splits are by source photo / object, never by image or token. By default only the held-out splits are
+probed: the embedded backbone was pretrained on the train split's images.
+"""
+
+
+def add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    add_data_option(p)
+    p.add_argument("--tasks", default="semantic,scene,d1,d2", help="comma-separated task names")
+    p.add_argument("--no-generators", action="store_true", help="skip the gen:<family> probes")
+    p.add_argument("--position", default="last", choices=["last", "image_mean"],
+                   help="last token (the answer position) or the mean over image tokens")
+    p.add_argument("--splits", default="val,test", help="comma-separated splits to probe, or 'all'")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the grouped fold assignment")
+    p.add_argument("--folds", type=int, default=5, help="outer grouped folds (fewer when a class has fewer groups)")
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap draws for the CIs")
+    p.add_argument("--no-baseline", action="store_true", help="skip the same-architecture random-weights baseline")
+    p.add_argument("--batch-size", type=int, default=16, help="capture batch size")
+    p.add_argument("--out", default=None, help="folder for tables and figures (default: runs/<model>/probe)")
+
+
+def layerwise_config(args):
+    from probes.layerwise import LayerwiseConfig
+
+    return LayerwiseConfig(
+        tasks=tuple(t for t in args.tasks.split(",") if t), generators=not args.no_generators,
+        position=args.position, splits=None if args.splits == "all" else tuple(args.splits.split(",")),
+        seeds=tuple(int(x) for x in args.seeds.split(",")), n_folds=args.folds, n_boot=args.boot,
+        device=args.device,
+    )
+
+
+def run_probe(args, *, figure_stem: str = "emergence") -> dict[str, Any]:
+    from probes.data import read_manifest
+    from probes.layerwise import probe_backbone
+    from probes.plots import emergence_figure, generator_heatmap
+
+    manifest = resolve_manifest(args.data)
+    records = read_manifest(manifest)
+    config = layerwise_config(args)
+    backbone = load_model(args)
+    result = probe_backbone(backbone, records, manifest.parent, config, batch_size=args.batch_size)
+    baseline = None
+    if not args.no_baseline:
+        baseline = probe_backbone(backbone.random_like(), records, manifest.parent, config, batch_size=args.batch_size)
+    out = Path(args.out or Path("runs") / Path(args.model).name / "probe")
+    result.save(out / "tables")
+    if baseline is not None:
+        baseline.save(out / "tables-random-weights")
+    recommended = getattr(args, "recommended", None)
+    title = f"{backbone.family} ({Path(args.model).name}), {config.position} token, {manifest.parent.name}"
+    figures = emergence_figure(result.curves, result.selectivity, out / figure_stem, recommended=recommended,
+                               baseline=None if baseline is None else baseline.curves, title=title)
+    if config.generators:
+        figures += generator_heatmap(result.curves, out / "generators", title=title)
+    summary = {
+        "out": str(out),
+        "figures": figures,
+        "model": backbone.provenance(),
+        "config": config.to_dict(),
+        "tasks": result.tasks,
+        "confound": result.confound,
+        "accuracy_by_layer": _by_layer(result.curves, "accuracy"),
+        "selectivity_by_layer": _by_layer(result.selectivity, None),
+    }
+    if "warning" in result.confound:
+        print(f"WARNING: {result.confound['warning']}", flush=True)
+    return summary, result
+
+
+def _by_layer(table, metric: str | None) -> dict[str, list]:
+    t = table if metric is None else table[table.metric == metric]
+    return {task: [[int(r.layer), round(float(r.estimate), 4), round(float(r.lo), 4), round(float(r.hi), 4)]
+                   for r in g.sort_values("layer").itertuples()] for task, g in t.groupby("task")}
+
+
+def run_probe_command(args) -> dict[str, Any]:
+    summary, _ = run_probe(args)
+    return finish(summary, summary["out"], "probe")
+
+
+RECOMMEND_HELP = """Recommend the injection layer K for Deep-VRM from the probe curves, with its evidence.
+
+Criterion: the earliest layer at which every semantic curve (semantic object class and D1 by default) is
+within its 95% CI of its plateau (its maximum over layers), clipped to 1..L-1 so that a trainable layer
+follows. K is 1-based: the low-level stream is fused after decoder layer K (16 of 28 in the paper's
+Qwen2.5-VL-7B). Curves whose selectivity never clears zero are left out, and the output says so.
+Writes DIR/recommendation.json and the emergence figure with K marked.
+"""
+
+
+def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
+    add_probe_arguments(p)
+    p.add_argument("--criterion-tasks", default="semantic,d1", help="the curves whose plateau fixes K")
+
+
+def run_recommend(args) -> dict[str, Any]:
+    from probes.depth import recommend
+    from probes.plots import emergence_figure
+
+    summary, result = run_probe(args, figure_stem="emergence")
+    rec = recommend(result.curves[result.curves.metric == "accuracy"], summary["model"]["num_layers"],
+                    tasks=tuple(args.criterion_tasks.split(",")), selectivity=result.selectivity,
+                    position=result.provenance["config"]["position"])
+    rec.provenance = {"model": summary["model"], "probe": result.provenance, "confound": result.confound}
+    out = Path(summary["out"])
+    baseline = out / "tables-random-weights" / "curves.csv"
+    import pandas as pd
+
+    summary["figures"] = emergence_figure(
+        result.curves, result.selectivity, out / "emergence", recommended=rec.layer,
+        baseline=pd.read_csv(baseline) if baseline.is_file() else None,
+        title=f"{summary['model']['family']}: recommended K = {rec.layer} of {rec.num_layers}",
+    ) + [f for f in summary["figures"] if "generators" in f]
+    write_json(out / "recommendation.json", rec.to_dict())
+    print(f"recommended injection layer: K = {rec.layer} of {rec.num_layers} ({rec.criterion})", flush=True)
+    return finish({"layer": rec.layer, "num_layers": rec.num_layers, "criterion": rec.criterion,
+                   "per_task": rec.per_task, "excluded": rec.excluded,
+                   "recommendation": str(out / "recommendation.json"), **summary}, str(out), "recommend-depth")
+
+
 # --- all -----------------------------------------------------------------------------------------
 
 ALL_HELP = """The main job on the embedded default: data → backbone → capture.
@@ -219,4 +349,6 @@ COMMANDS = {
     "data": (add_data_arguments, run_data, DATA_HELP),
     "backbone": (add_backbone_arguments, run_backbone, BACKBONE_HELP),
     "capture": (add_capture_arguments, run_capture, CAPTURE_HELP),
+    "probe": (add_probe_arguments, run_probe_command, PROBE_HELP),
+    "recommend-depth": (add_recommend_arguments, run_recommend, RECOMMEND_HELP),
 }

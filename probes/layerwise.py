@@ -12,6 +12,7 @@ grouped CV, several seeds) and a bootstrap over images (:mod:`probes.stats`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from probes import stats
@@ -26,7 +28,7 @@ from probes.cache import ActivationStore
 from probes.data.manifest import Record
 from probes.errors import BadInputError, ConfigError
 from probes.linear import DEFAULT_CS, SweepResult, sweep
-from probes.storage import hash_json, read_json, write_json
+from probes.storage import atomic_dir, cache_root, hash_json, read_json, write_json
 from probes.tasks import HELD_OUT, Task, build_task, confound_features, generator_tasks
 
 METRICS = ("accuracy", "roc_auc", "average_precision")
@@ -48,6 +50,7 @@ class LayerwiseConfig:
     n_boot: int = 1000
     control_seed: int = 0
     device: str = "cpu"
+    threads: int | None = 1  # CPU threads for the fits; small per-layer problems run fastest on one
 
     def __post_init__(self):
         self.tasks, self.seeds, self.Cs = tuple(self.tasks), tuple(self.seeds), tuple(self.Cs)
@@ -67,7 +70,7 @@ class LayerwiseConfig:
 
     @property
     def hash(self) -> str:
-        return hash_json({k: v for k, v in self.to_dict().items() if k != "device"})
+        return hash_json({k: v for k, v in self.to_dict().items() if k not in ("device", "threads")})
 
 
 @dataclass
@@ -106,6 +109,22 @@ def run_layerwise(
 ) -> LayerwiseResult:
     """Probe every task of ``config`` on ``store`` (captured from ``records``, matched by id)."""
     config = config or LayerwiseConfig()
+    with _threads(config.threads):
+        return _run(store, records, config, progress)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(store: ActivationStore, records: Sequence[Record], config: LayerwiseConfig, progress: bool) -> LayerwiseResult:
     ids, X = store.load(config.position)
     where = {i: n for n, i in enumerate(ids)}
     names = list(config.tasks) + (generator_tasks(records, config.splits) if config.generators else [])
@@ -195,3 +214,34 @@ def confound_probe(records: Sequence[Record], task: Task, config: LayerwiseConfi
         out["warning"] = (f"CONFOUND: file size/format/bytes alone predict {task.name} labels (AUC "
                           f"{auc.estimate:.3f} [{auc.lo:.3f}, {auc.hi:.3f}]); re-encode the data identically")
     return out
+
+
+def probe_backbone(
+    backbone,
+    records: Sequence[Record],
+    root: str | Path,
+    config: LayerwiseConfig | None = None,
+    *,
+    batch_size: int = 16,
+    on_error: str = "stop",
+    progress: bool = True,
+) -> LayerwiseResult:
+    """Capture what ``config`` needs from ``backbone`` (reusing the store) and probe it (reusing results).
+
+    Only the rows of ``config.splits`` are captured. Results are cached under
+    ``<cache>/probes/<store key>-<config hash>/``.
+    """
+    from probes.capture import capture
+
+    config = config or LayerwiseConfig()
+    rows = [r for r in records if config.splits is None or r.split in config.splits]
+    report = capture(backbone, rows, root, batch_size=batch_size, on_error=on_error, progress=progress)
+    store = ActivationStore.open(report.store)
+    folder = cache_root() / "probes" / f"{store.key}-{config.hash}"
+    if (folder / "layerwise.json").is_file():
+        return LayerwiseResult.load(folder)
+    result = run_layerwise(store, records, config, progress)
+    result.provenance["capture"] = report.to_dict()
+    with atomic_dir(folder) as tmp:
+        result.save(tmp)
+    return result

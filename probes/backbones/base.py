@@ -90,6 +90,13 @@ class BackboneAdapter(ABC):
             )
         return cls(model.eval(), processor, source=f"config:{config.model_type}", settings=settings)
 
+    def random_like(self, seed: int = 0) -> BackboneAdapter:
+        """The same architecture and processor with seeded random weights: a probing baseline."""
+        torch.manual_seed(seed)
+        twin = type(self).from_config(self.model.config, self.settings, self.processor)
+        twin.source = f"random-weights({self.source}),seed={seed}"
+        return twin
+
     # --- structure -----------------------------------------------------------------------------
     def module(self, path: str) -> nn.Module:
         """The submodule at a dotted path, e.g. ``model.language_model.layers``."""
