@@ -135,3 +135,9 @@ __all__ = [
     "register_builtin",
     "wrap",
 ]
+
+# mini-VL, the embedded default: its adapter and the built-in "mini-vl" (trained checkpoint from the cache).
+from probes.backbones.mini_vl import MiniVLAdapter, load_mini_vl  # noqa: E402
+
+register(MiniVLAdapter)
+register_builtin("mini-vl", load_mini_vl)
