@@ -308,40 +308,67 @@ def run_recommend(args) -> dict[str, Any]:
     print(f"recommended injection layer: K = {rec.layer} of {rec.num_layers} ({rec.criterion})", flush=True)
     return finish({"layer": rec.layer, "num_layers": rec.num_layers, "criterion": rec.criterion,
                    "per_task": rec.per_task, "excluded": rec.excluded,
-                   "recommendation": str(out / "recommendation.json"), **summary}, str(out), "recommend-depth")
+                   "recommendation": str(out / "recommendation.json"), "probe_provenance": result.provenance,
+                   **summary}, str(out), "recommend-depth")
 
 
 # --- all -----------------------------------------------------------------------------------------
 
-ALL_HELP = """The main job on the embedded default: data → backbone → capture.
+ALL_HELP = """The main job on the embedded default: data → backbone → capture → probes → figures → K.
 
-Every step reuses what is already built, so a second run takes seconds.
+1. data      build forensic-mini (real photos, generator re-renders, semantic-cue composites)
+2. backbone  pretrain mini-VL on its semantic questions; held-out accuracy beside two baselines
+3. capture   per-layer activations of the held-out images (nnsight), into the activation cache
+4. probes    layer-wise probes for every task, the control task, the confound probe, and the same
+             architecture with random weights as a baseline
+5. figures   the emergence curves and the layer x generator heat map (PNG, PDF, CSV beside them)
+6. K         the recommended injection layer, with its evidence (recommendation.json)
+
+Every step reuses what is already built, so a second run takes seconds. The full summary goes to
+OUT/all.json; the printed one names where everything went.
 """
 
 
 def add_all_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", choices=["default", "small"], help="embedded data preset")
-    p.add_argument("--out", default=None, help="also write the summary here")
+    p.add_argument("--out", default="runs/embedded", help="folder for figures, tables and summaries "
+                                                           "(default: %(default)s)")
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap draws for the CIs")
 
 
 def run_all(args) -> dict[str, Any]:
     t0 = time.perf_counter()
-    steps: dict[str, Any] = {}
     data = embedded_data(args.preset)
-    steps["data"] = {"path": str(data.path), "manifest_hash": data.manifest_hash, "reused": data.reused,
-                     "rows": data.counts["manifest"]["rows"]}
-    print(f"[data] forensic-mini: {data.path}", flush=True)
+    print(f"[1 data] forensic-mini ({data.counts['manifest']['rows']} rows): {data.path}", flush=True)
     backbone = run_backbone(argparse.Namespace(data=str(data.path), preset=args.preset, config=None, out=None))
-    steps["backbone"] = {k: backbone[k] for k in ("path", "accuracy", "baselines", "bar") if k in backbone}
-    print(f"[backbone] mini-VL: {backbone.get('path')}", flush=True)
-    cap = run_capture(argparse.Namespace(
-        model=DEFAULT_MODEL, device="cpu", dtype="float32", attn="sdpa", image_pixels=None,
-        trust_remote_code=False, data=str(data.path), positions="image_mean,last", per_token=False,
-        prompt=None, batch_size=16, store_dtype="float16", on_error="stop", out=None,
-    ))
-    steps["capture"] = cap
-    print(f"[capture] activations: {cap.get('store')}", flush=True)
-    return finish({"steps": steps, "seconds": round(time.perf_counter() - t0, 1)}, args.out, "all")
+    acc, base = backbone["accuracy"], backbone["baselines"]
+    print(f"[2 backbone] mini-VL: {backbone['path']}\n  held-out object accuracy {acc['object']:.3f} "
+          f"(EfficientNet-Lite0 linear probe {base['efficientnet_linear_probe']:.3f}, colour histogram "
+          f"{base['colour_histogram']:.3f}; bar passes: {backbone['bar']['passes']})", flush=True)
+    probe_args = argparse.Namespace(
+        model=backbone["path"], device="cpu", dtype="float32", attn="sdpa", image_pixels=None,
+        trust_remote_code=False, data=str(data.path), tasks="semantic,scene,d1,d2", no_generators=False,
+        position="last", splits="val,test", seeds="0,1,2", folds=5, boot=args.boot, no_baseline=False,
+        batch_size=16, out=args.out, criterion_tasks="semantic,d1",
+    )
+    rec = run_recommend(probe_args)
+    capture = rec["probe_provenance"]["capture"]
+    print(f"[3 capture] {capture['rows_in_store']} images x {rec['model']['num_layers'] + 1} layer outputs: "
+          f"{capture['store']}", flush=True)
+    print(f"[4 probes] tables: {Path(args.out) / 'tables'} (random-weights baseline: tables-random-weights)",
+          flush=True)
+    print("[5 figures] " + ", ".join(f for f in rec["figures"] if f.endswith(".png")), flush=True)
+    print(f"[6 K] recommended injection layer K = {rec['layer']} of {rec['num_layers']}: {rec['criterion']}\n"
+          f"  evidence: {rec['recommendation']}", flush=True)
+    full = {"data": {"path": str(data.path), "manifest_hash": data.manifest_hash, "counts": data.counts},
+            "backbone": backbone, "recommend_depth": rec, "seconds": round(time.perf_counter() - t0, 1)}
+    write_json(Path(args.out) / "all.json", full)
+    return {
+        "data": str(data.path), "backbone": backbone["path"], "activations": capture["store"],
+        "figures": rec["figures"], "recommendation": rec["recommendation"], "layer": rec["layer"],
+        "num_layers": rec["num_layers"], "semantic_accuracy": acc["object"], "baselines": base,
+        "summary": str(Path(args.out) / "all.json"), "seconds": full["seconds"],
+    }
 
 
 COMMANDS = {

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from probes.errors import BadInputError
+from probes.errors import BadInputError, ConfigError
 from probes.stats import earliest_within_plateau
 
 CRITERION = (
@@ -66,6 +66,10 @@ def recommend(
 
     ``selectivity`` (rows: ``task, layer, estimate, lo, hi``) lets curves without evidence be excluded.
     """
+    if num_layers < 2:
+        raise ConfigError(f"num_layers={num_layers}", "need at least 2 decoder layers: K is kept within 1..L-1")
+    if "metric" in curves.columns:  # a LayerwiseResult.curves table holds every metric: keep the one asked for
+        curves = curves[curves.metric == metric]
     per_task, excluded = {}, {}
     for task in tasks:
         curve = curves[curves.task == task].sort_values("layer")
@@ -77,6 +81,11 @@ def recommend(
             if not sel.empty and not (sel.lo > 0).any():
                 excluded[task] = "selectivity (task - control) never clears 0: no evidence at any layer"
                 continue
+        values = curve[["estimate", "lo", "hi"]].to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values).all(1) | (values[:, 1] > values[:, 0]) | (values[:, 0] > values[:, 2])
+        if bad.any():
+            raise BadInputError(f"curve {task!r} layer {curve.layer.iloc[int(np.argmax(bad))]}",
+                                "needs finite values with lo <= estimate <= hi")
         idx = earliest_within_plateau(curve.estimate.to_numpy(), curve.lo.to_numpy(), curve.hi.to_numpy())
         row = curve.iloc[idx]
         best = curve.loc[curve.estimate.idxmax()]

@@ -13,6 +13,7 @@ grouped CV, several seeds) and a bootstrap over images (:mod:`probes.stats`).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,7 +30,7 @@ from probes.data.manifest import Record
 from probes.errors import BadInputError, ConfigError
 from probes.linear import DEFAULT_CS, SweepResult, sweep
 from probes.storage import atomic_dir, cache_root, hash_json, read_json, write_json
-from probes.tasks import HELD_OUT, Task, build_task, confound_features, generator_tasks
+from probes.tasks import CONFOUND_COLUMNS, HELD_OUT, Task, build_task, confound_features, generator_tasks
 
 METRICS = ("accuracy", "roc_auc", "average_precision")
 MIN_GROUPS_PER_CLASS = 4  # outer and inner grouped folds both need each class on both sides
@@ -129,19 +130,33 @@ def _run(store: ActivationStore, records: Sequence[Record], config: LayerwiseCon
     where = {i: n for n, i in enumerate(ids)}
     names = list(config.tasks) + (generator_tasks(records, config.splits) if config.generators else [])
     curves, sel, folds, meta = [], [], [], {}
+    skipped = {}
     for name in tqdm(names, desc="probing tasks", disable=not progress):
-        task, dropped = build_task(name, records, config.splits).without_thin_classes(MIN_GROUPS_PER_CLASS)
+        try:
+            task, dropped = build_task(name, records, config.splits).without_thin_classes(MIN_GROUPS_PER_CLASS)
+        except BadInputError as err:
+            if name in config.tasks:  # asked for by name: the user must hear it
+                raise
+            skipped[name] = str(err)  # an automatic gen:<family> too thin to probe
+            continue
         rows = _store_rows(task, records, where)
+        x = np.asarray(X[rows], dtype=np.float32)
+        _check_finite(x, [records[i].id for i in task.rows], store.layers, task.name, config.position)
         n_folds = _folds(task, config)
-        result = _sweep(X[rows], task, config, n_folds)
-        control = _sweep(X[rows], task.control(config.control_seed), config, n_folds, folds=result.folds)
+        result = _sweep(x, task, config, n_folds)
+        control = _control_sweep(x, task, config, n_folds, result.folds)
         curves.append(_curves(name, result, config))
         sel.append(_selectivity(name, result, control, config))
         folds.append(result.table.assign(task=name))
         meta[name] = {"description": task.description, "n": len(task), "counts": task.counts,
                       "groups": int(len(set(task.groups))), "group_key": task.group_key,
                       "dropped_classes": dropped, "n_folds": n_folds[0]}
-    confound = confound_probe(records, build_task("d2", records, config.splits), config)
+        if dropped:
+            meta[name]["dropped_reason"] = (f"fewer than {MIN_GROUPS_PER_CLASS} {task.group_key} groups each, so "
+                                            "grouped folds cannot test them")
+    confound = confound_probe(records, _confound_task(records, config), config)
+    if skipped:
+        meta["skipped"] = skipped
     return LayerwiseResult(
         curves=pd.concat(curves, ignore_index=True),
         selectivity=pd.concat(sel, ignore_index=True),
@@ -153,11 +168,30 @@ def _run(store: ActivationStore, records: Sequence[Record], config: LayerwiseCon
     )
 
 
+def _confound_task(records: Sequence[Record], config: LayerwiseConfig) -> Task:
+    """The rows the confound probe is fit on: D2 (content-aligned pairs) where present, else every
+    labelled image."""
+    try:
+        return build_task("d2", records, config.splits)
+    except BadInputError:
+        return build_task("fake", records, config.splits)
+
+
 def _store_rows(task: Task, records: Sequence[Record], where: dict[str, int]) -> np.ndarray:
     missing = [records[i].id for i in task.rows if records[i].id not in where]
     if missing:
         raise BadInputError(missing[0], f"not captured in the store ({len(missing)} rows of task {task.name} missing)")
     return np.array([where[records[i].id] for i in task.rows], dtype=np.int64)
+
+
+def _check_finite(x: np.ndarray, ids: Sequence[str], layers: Sequence[int], task: str, position: str) -> None:
+    """NaN or inf in ``x [n, L, D]`` -> a one-line error naming the first bad row id and stored layer."""
+    bad = ~np.isfinite(x).reshape(len(x), x.shape[1], -1).all(-1)  # [n, L]
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise BadInputError(f"row {ids[row]!r} layer {layers[col]}",
+                            f"non-finite activation (NaN or inf) at position {position!r}, in task {task} "
+                            f"({int(bad.any(1).sum())} of {len(x)} rows affected)")
 
 
 def _folds(task: Task, config: LayerwiseConfig) -> tuple[int, int]:
@@ -173,6 +207,19 @@ def _sweep(X: np.ndarray, task: Task, config: LayerwiseConfig, n_folds: tuple[in
     outer, inner = n_folds
     return sweep(np.asarray(X, dtype=np.float32), task.labels, task.groups, n_folds=outer, seeds=config.seeds,
                  Cs=config.Cs, inner_folds=inner, folds=folds, device=config.device)
+
+
+def _control_sweep(X: np.ndarray, task: Task, config: LayerwiseConfig, n_folds: tuple[int, int],
+                   folds: np.ndarray, tries: int = 20) -> SweepResult:
+    """The control task on the task's own folds. On a small task a random draw can leave a fold without
+    some class; the draw is then repeated with the next seed (deterministically)."""
+    for k in range(tries):
+        try:
+            return _sweep(X, task.control(config.control_seed + k), config, n_folds, folds=folds)
+        except BadInputError:
+            if k == tries - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _curves(name: str, result: SweepResult, config: LayerwiseConfig) -> pd.DataFrame:
@@ -213,6 +260,7 @@ def confound_probe(records: Sequence[Record], task: Task, config: LayerwiseConfi
     if not out["at_chance"]:
         out["warning"] = (f"CONFOUND: file size/format/bytes alone predict {task.name} labels (AUC "
                           f"{auc.estimate:.3f} [{auc.lo:.3f}, {auc.hi:.3f}]); re-encode the data identically")
+        warnings.warn(out["warning"], stacklevel=2)
     return out
 
 
@@ -237,7 +285,7 @@ def probe_backbone(
     rows = [r for r in records if config.splits is None or r.split in config.splits]
     report = capture(backbone, rows, root, batch_size=batch_size, on_error=on_error, progress=progress)
     store = ActivationStore.open(report.store)
-    folder = cache_root() / "probes" / f"{store.key}-{config.hash}"
+    folder = cache_root() / "probes" / f"{store.key}-{config.hash}-{labels_hash(records)}"
     if (folder / "layerwise.json").is_file():
         return LayerwiseResult.load(folder)
     result = run_layerwise(store, records, config, progress)
@@ -245,3 +293,12 @@ def probe_backbone(
     with atomic_dir(folder) as tmp:
         result.save(tmp)
     return result
+
+
+LABEL_COLUMNS = ("id", "label", "split", "source_id", "scene_id", "object_id", "semantic_class", "scene_class",
+                 "generator", "cue", "kind", "post") + CONFOUND_COLUMNS
+
+
+def labels_hash(records: Sequence[Record]) -> str:
+    """Hash of every column a task or the confound probe reads: edited labels or groups mean new results."""
+    return hash_json([[getattr(r, c) for c in LABEL_COLUMNS] for r in records])

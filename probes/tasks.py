@@ -9,7 +9,9 @@ names the group key that keeps related images on one side of every split:
 - ``d1``: semantic-cue fakes vs their plausible twins (the paper's D₁; same photo crop, same object);
 - ``d2``: trace-only fakes vs the real images they re-render (the paper's D₂), grouped by source photo so
   a real image and its re-renders share a side;
-- ``gen:<family>``: one generator's fakes vs their real partners.
+- ``gen:<family>``: one generator's fakes vs their real partners;
+- ``fake``: every labelled image, fake vs real, grouped by source (for data without content-aligned pairs,
+  such as GenImage; its source ids are then per image).
 
 On the embedded default the backbone was pretrained on the train split's real images, so by default every
 task keeps the held-out splits only: a probe must not tell "seen in pretraining" from "not seen".
@@ -60,13 +62,18 @@ class Task:
         return {c: len(set(self.groups[self.labels == i])) for i, c in enumerate(self.classes)}
 
     def without_thin_classes(self, min_groups: int) -> tuple[Task, list[str]]:
-        """Drop classes held by fewer than ``min_groups`` groups (grouped folds cannot test them)."""
+        """Drop classes held by fewer than ``min_groups`` groups (grouped folds cannot test them).
+
+        Raises a one-line :class:`BadInputError` naming the task when fewer than two classes are left
+        (a single-class task included): no probe can be fit then.
+        """
         keep = [c for c, g in self.groups_per_class().items() if g >= min_groups]
         dropped = [c for c in self.classes if c not in keep]
+        if len(keep) < 2:
+            raise BadInputError(self.name, f"fewer than two classes have {min_groups} {self.group_key} groups "
+                                f"(groups per class: {self.groups_per_class()}); a probe needs two classes")
         if not dropped:
             return self, []
-        if len(keep) < 2:
-            raise BadInputError(self.name, f"fewer than two classes have {min_groups} groups: {self.groups_per_class()}")
         rows = np.isin(self.labels, [self.classes.index(c) for c in keep])
         labels = np.array([keep.index(self.classes[i]) for i in self.labels[rows]], dtype=np.int64)
         task = Task(self.name, self.description, self.rows[rows], labels, tuple(keep), self.groups[rows],
@@ -129,12 +136,16 @@ def build_task(name: str, records: Sequence[Record], splits: Sequence[str] | Non
         picked = _partners(records, keep, lambda r: r.cue == "trace" and r.scene_id is not None)
         return _make(name, "generator re-renders vs the real images they re-render (D2)", records, picked,
                      lambda r: r.label, ("real", "fake"), "source_id")
+    if name == "fake":
+        picked = [i for i in keep if records[i].label in ("real", "fake")]
+        return _make(name, "every labelled image: fake vs real (user data sets such as GenImage)", records,
+                     picked, lambda r: r.label, ("real", "fake"), "source_id")
     if name.startswith("gen:"):
         family = name.split(":", 1)[1]
         picked = _partners(records, keep, lambda r: r.generator == family and r.scene_id is not None)
         return _make(name, f"{family} re-renders vs their real partners", records, picked,
                      lambda r: r.label, ("real", "fake"), "source_id")
-    raise ConfigError(f"task={name}", "unknown; use semantic, scene, d1, d2 or gen:<family>")
+    raise ConfigError(f"task={name}", "unknown; use semantic, scene, d1, d2, fake or gen:<family>")
 
 
 def generator_tasks(records: Sequence[Record], splits: Sequence[str] | None = HELD_OUT) -> list[str]:
