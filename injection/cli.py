@@ -232,8 +232,235 @@ def run_eval(args) -> dict[str, Any]:
     return summary
 
 
+# --- deepvrm: the whole comparison ----------------------------------------------------------------
+
+DEEPVRM_HELP = """The Deep-VRM comparison on the embedded default: base model, naive fine-tune, Deep-VRM.
+
+Runs, in this order, the recipe of injection/recipes.py (mini-VL on forensic-mini; the paper's settings
+except where the recipe says why not):
+  1. eval of the base model (mini-vl)                         -> <out>/eval/base/
+  2. naive: the base decoder fine-tuned in full on D2, eval    -> <out>/naive/, <out>/eval/naive/
+  3. stage 1: LoRA on the decoder, semantic QA + D1            -> <out>/stage1/
+  4. stage 2: Deep-VRM from stage 1, LoRA on the low-level
+     encoder and layers >= K, every train row + semantic QA    -> <out>/stage2/
+  5. eval of Deep-VRM                                         -> <out>/eval/deep-vrm/
+Every step is reused when done, and a killed training run resumes from its checkpoint, so running the
+command again finishes the job. Evaluation is on the test split (detection: accuracy of the generated
+answer, AP and ROC-AUC of the fake-minus-real logit margin, pooled, per generator and per cue; held-out
+semantic QA accuracy). It writes <out>/comparison.json (recipe, table, times) and <out>/comparison.csv
+(rows: base, naive, deep-vrm) and prints the table.
+
+  python analysis.py deepvrm                                   # -> <cache>/runs/deepvrm-embedded/
+  python analysis.py deepvrm --preset small --set max_steps=2 --out /tmp/smoke
+"""
+
+COMPARISON = ("base", "naive", "deep-vrm")
+SUMMARY_COLUMNS = ("accuracy", "ap", "auc", "semantic_accuracy")  # printed per group: auc only
+
+
+def add_deepvrm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="default", choices=["default", "small"], help="embedded data preset")
+    p.add_argument("--out", default=None, help="output folder (default: <cache>/runs/deepvrm-embedded, "
+                                               "<cache>/runs/deepvrm-embedded-small for --preset small)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a TrainConfig setting of every run on top of the recipe (JSON values), e.g. "
+                        "--set max_steps=2 for a smoke test; noted in each train.json")
+    p.add_argument("--eval-batch-size", type=int, default=16, help="rows per evaluation batch")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_options(p)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> a dict; VALUE is read as JSON (``2``, ``1e-3``, ``true``), else kept a string."""
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadInputError(f"--set {item}", "expected KEY=VALUE, e.g. max_steps=2")
+        try:
+            values[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key.strip().replace("-", "_")] = value
+    return values
+
+
+def run_deepvrm(args) -> dict[str, Any]:
+    import time
+
+    from injection import recipes
+    from injection.train import resolve_data, train
+    from probes.backbones.base import LoadSettings
+    from probes.storage import cache_root, write_json, write_text
+
+    suffix = "" if args.preset == "default" else f"-{args.preset}"
+    out = Path(args.out) if args.out else cache_root() / "runs" / f"deepvrm-embedded{suffix}"
+    configs = recipes.embedded_default(out, preset=args.preset, device=args.device, dtype=args.dtype, attn=args.attn,
+                                       extra=parse_overrides(args.overrides))
+    data = str(resolve_data(None, args.preset).parent)
+    settings = LoadSettings(args.dtype, args.attn, args.device)
+    progress = not args.quiet
+    steps: dict[str, dict[str, Any]] = {}
+    evals: dict[str, dict[str, Any]] = {}
+
+    def step(name: str, fn, reused: bool):
+        print(f"[deepvrm] {name} ...", flush=True)
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        steps[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1),
+                       "reused": reused}
+        if isinstance(result, dict) and "times_s" in result:  # as recorded by the run that did the work
+            steps[name]["recorded_times_s"] = result["times_s"]
+        note = " (reused)" if reused else ""
+        print(f"[deepvrm] {name}: {steps[name]['wall_s']} s wall, {steps[name]['cpu_s']} s CPU{note}", flush=True)
+        return result
+
+    def training(name: str, config):
+        return step(f"train {name}", lambda: train(config, progress=progress), (Path(config.out) / "train.json").is_file())
+
+    def evaluation(row: str, model: str):
+        where = out / "eval" / row
+        request = eval_request(model, data, settings, args.eval_batch_size)
+        evals[row] = step(f"eval {row}", lambda: cached_evaluate(
+            model, data, where, settings, batch_size=args.eval_batch_size, progress=progress, request=request),
+            eval_is_cached(where, request))
+
+    evaluation("base", recipes.EMBEDDED_MODEL)
+    naive = training("naive", configs["naive"])
+    evaluation("naive", naive["out"])
+    training("stage 1", configs["1"])
+    stage2 = training("stage 2", configs["2"])
+    evaluation("deep-vrm", stage2["out"])
+
+    columns, rows = comparison_table(evals)
+    write_text(out / "comparison.csv", table_csv(columns, rows))
+    print(format_table(columns, rows), flush=True)
+    summary = {
+        "out": str(out), "data": data, "split": "test",
+        "recipe": {"name": "embedded-default", "overrides": recipes.overrides(),
+                   "run_overrides": parse_overrides(args.overrides),
+                   "configs": {recipes.RUN_NAMES[s]: c.to_dict() for s, c in configs.items()}},
+        "runs": {"base": recipes.EMBEDDED_MODEL, "naive": naive["out"], "deep-vrm": stage2["out"]},
+        "evals": {row: e["out"] for row, e in evals.items()},
+        "times_s": steps,  # this invocation's; a reused step keeps the times of its run in recorded_times_s
+        "total_s": {"wall": round(sum(s["wall_s"] for s in steps.values()), 1),
+                    "cpu": round(sum(s["cpu_s"] for s in steps.values()), 1)},
+        "table": {r["model"]: {k: v for k, v in r.items() if k != "model"} for r in rows},
+    }
+    write_json(out / "comparison.json", summary)
+    return {k: summary[k] for k in ("out", "runs", "evals", "times_s", "total_s")} | {
+        "files": [str(out / "comparison.json"), str(out / "comparison.csv")]}
+
+
+def eval_request(model: str, data: str, settings, batch_size: int) -> dict[str, Any]:
+    """What decides an evaluation's result: the weights, the data and the settings."""
+    return {"model": model, "weights": _weights_id(model), "data": data, "split": "test",
+            "dtype": settings.dtype, "attn": settings.attn_implementation, "batch_size": batch_size,
+            "max_new_tokens": 8}
+
+
+def eval_is_cached(out: Path, request: dict[str, Any]) -> bool:
+    from probes.storage import read_json
+
+    return (out / "eval.json").is_file() and (out / "request.json").is_file() and read_json(out / "request.json") == request
+
+
+def cached_evaluate(model: str, data: str, out: Path, settings, batch_size: int = 16, progress: bool = True,
+                    request: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`~injection.evaluate.evaluate` on the test split, reused when ``out`` holds the eval of the same
+    weights, data and settings (``request.json`` beside ``eval.json``; ``request``: :func:`eval_request`'s)."""
+    from injection.evaluate import evaluate
+    from probes.storage import read_json, write_json
+
+    request = request or eval_request(model, data, settings, batch_size)
+    if eval_is_cached(out, request):
+        return read_json(out / "eval.json")
+    summary = evaluate(model, [data], out=out, settings=settings, split="test", batch_size=batch_size,
+                       max_new_tokens=request["max_new_tokens"], progress=progress)
+    write_json(out / "request.json", request)
+    return summary
+
+
+def _weights_id(model: str) -> str:
+    """A hash of the weights file(s) of a model folder, or of the built-in backbone's checkpoint folder."""
+    from probes.storage import hash_file, hash_json
+
+    folder = Path(model)
+    if not folder.is_dir() and model == "mini-vl":
+        from probes.backbones.mini_vl import trained_dir
+
+        folder = trained_dir()
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return hash_json([hash_file(f) for f in files]) if files else model
+
+
+def comparison_table(evals: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Eval summaries (``eval.json``, one data set each) -> the columns and one row per model.
+
+    Columns: pooled ``accuracy``, ``real_accuracy``, ``fake_accuracy``, ``unparsed``, ``ap``, ``auc``; then
+    ``generator=<g>:<accuracy|ap|auc>`` for each generator and ``cue=<c>:...`` for each cue (that group's
+    fakes against every real image); then ``semantic_accuracy`` and ``semantic_closed_set_accuracy``
+    (held-out semantic QA). A metric a model lacks is ``None``.
+    """
+    pooled = ("accuracy", "real_accuracy", "fake_accuracy", "unparsed", "ap", "auc")
+    groups: dict[str, set[str]] = {"generator": set(), "cue": set()}
+    results = {}
+    for name, summary in evals.items():
+        datasets = summary.get("datasets") or {}
+        if len(datasets) != 1:
+            raise BadInputError(f"eval of {name}", f"expected one data set, got {sorted(datasets)}")
+        result = results[name] = next(iter(datasets.values()))
+        for key in groups:
+            groups[key] |= {g for g in result.get(f"by_{key}", {}) if g != "real"}
+    columns = list(pooled)
+    for key in groups:
+        columns += [f"{key}={g}:{m}" for g in sorted(groups[key]) for m in ("accuracy", "ap", "auc")]
+    columns += ["semantic_accuracy", "semantic_closed_set_accuracy"]
+    rows = []
+    for name, result in results.items():
+        row: dict[str, Any] = {"model": name, **{m: result.get(m) for m in pooled}}
+        for key in groups:
+            for g in sorted(groups[key]):
+                metrics = result.get(f"by_{key}", {}).get(g, {})
+                row |= {f"{key}={g}:{m}": metrics.get(m) for m in ("accuracy", "ap", "auc")}
+        semantic = result.get("semantic") or {}
+        row["semantic_accuracy"] = semantic.get("accuracy")
+        row["semantic_closed_set_accuracy"] = semantic.get("closed_set_accuracy")
+        rows.append(row)
+    return columns, rows
+
+
+def table_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["model", *columns], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else _round(row[k]) for k in ["model", *columns]})
+    return buffer.getvalue()
+
+
+def format_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """The table transposed for reading: one line per metric, one column per model. Per-group lines show
+    AUC only (the CSV has accuracy and AP too)."""
+    shown = [c for c in columns if ":" not in c or c.endswith(":auc")]
+    width = max(len(c) for c in shown)
+    lines = [" ".join([f"{'metric':<{width}}", *(f"{r['model']:>10}" for r in rows)])]
+    for c in shown:
+        cells = ("-" if r.get(c) is None else f"{_round(r[c]):.4g}" if isinstance(r[c], float) else str(r[c])
+                 for r in rows)
+        lines.append(" ".join([f"{c:<{width}}", *(f"{cell:>10}" for cell in cells)]))
+    return "\n".join(lines)
+
+
+def _round(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
+
+
 COMMANDS = {
     "params": (add_params_arguments, run_params, PARAMS_HELP),
     "train": (add_train_arguments, run_train, TRAIN_HELP),
     "eval": (add_eval_arguments, run_eval, EVAL_HELP),
+    "deepvrm": (add_deepvrm_arguments, run_deepvrm, DEEPVRM_HELP),
 }

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DEEPVRM_LENS_CACHE", str(REPO / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: see analysis.py
 
 
 @pytest.fixture(scope="session")
