@@ -24,9 +24,10 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 from injection import cli as injection_cli  # noqa: E402
+from injection.inspect import cli as inspect_cli  # noqa: E402
 from probes import cli as probes_cli  # noqa: E402
 
-COMMAND_GROUPS = [probes_cli, injection_cli]
+COMMAND_GROUPS = [probes_cli, injection_cli, inspect_cli]
 
 
 def parser() -> argparse.ArgumentParser:
