@@ -28,3 +28,17 @@ def cache_dir() -> Path:
     path = Path(os.environ["DEEPVRM_LENS_CACHE"])
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def embedded_default():
+    """The embedded default, built once per cache: forensic-mini (default preset) and the pretrained mini-VL.
+
+    Cold, this is the longest step of the suite (data + pretraining: minutes); warm, it reads two reports.
+    """
+    from probes.backbones.pretrain import PretrainConfig, pretrain_mini_vl
+    from probes.data import ForensicMiniConfig, build_forensic_mini
+
+    data = build_forensic_mini(ForensicMiniConfig.preset("default"))
+    report = pretrain_mini_vl(PretrainConfig(), data.path, progress=False)
+    return data, report

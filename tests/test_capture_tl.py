@@ -102,11 +102,10 @@ def test_mini_vl_architecture_equals_nnsight(tmp_path):
     assert_same(backbone, ref, got)
 
 
-def test_trained_mini_vl_equals_nnsight(tmp_path):
-    try:
-        backbone = load_backbone("mini-vl")
-    except UnavailableError as err:
-        pytest.skip(f"no trained mini-VL checkpoint in the cache ({err})")
+@pytest.mark.slow
+def test_trained_mini_vl_equals_nnsight(embedded_default, tmp_path):
+    """The embedded default itself: the pretrained checkpoint (built by the session fixture if needed)."""
+    backbone = load_backbone("mini-vl")
     ref, got = nnsight_and_tl(backbone, data_images(3), tmp_path)
     assert_same(backbone, ref, got)
 

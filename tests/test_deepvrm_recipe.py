@@ -138,11 +138,7 @@ def test_table_refuses_an_eval_of_several_data_sets():
 
 
 @pytest.mark.slow
-def test_deepvrm_command_runs_end_to_end_and_is_reused(tmp_path, capsys):
-    from probes.backbones.mini_vl import trained_dir
-
-    if not (trained_dir() / "config.json").is_file():
-        pytest.skip("mini-VL is not built in this cache (python analysis.py backbone, a few minutes)")
+def test_deepvrm_command_runs_end_to_end_and_is_reused(embedded_default, tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["deepvrm", "--preset", "small", "--quiet", "--out", str(out),
             "--set", "max_steps=2", "--set", "batch_size=2", "--set", "max_semantic=4"]
