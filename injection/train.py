@@ -501,6 +501,9 @@ class Trainer:
         self.acc = accelerator
         self.times: dict[str, float] = {}
         t0 = time.perf_counter()
+        # LoRA's initial weights and dropout draw from torch's global generator, which each process seeds at
+        # random: seed it from the config, so that one config gives one set of weights.
+        torch.manual_seed(config.seed)
         settings = LoadSettings(config.dtype, config.attn, str(accelerator.device))
         self.adapter, model, fingerprint = prepare_model(config, settings)
         self.source = {"model": config.model, "weights": fingerprint,

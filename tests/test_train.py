@@ -226,6 +226,20 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     assert not (tmp_path / "killed" / "checkpoint").exists()  # removed once the model is saved
 
 
+def test_one_config_gives_one_set_of_weights_whatever_the_global_seed(stage1, tmp_path):
+    """Each process seeds torch at random; LoRA init and dropout must follow the config's seed instead.
+    Stage 2 starts from a saved folder, so nothing in loading seeds torch for it."""
+    settings = dict(max_steps=2, lora_dropout=0.3, model=stage1["out"])
+    torch.manual_seed(123)
+    first = train(_config("2", tmp_path / "a", **settings), progress=False)
+    torch.manual_seed(456)
+    second = train(_config("2", tmp_path / "b", **settings), progress=False)
+    assert first["losses"] == second["losses"]
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_finished_run_is_reused_and_other_runs_are_refused(stage1, tmp_path):
     config = _config("1", stage1["out"])
     assert train(config, progress=False)["times_s"] == stage1["times_s"]

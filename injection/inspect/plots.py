@@ -219,7 +219,7 @@ def stream_figure(margins: pd.DataFrame, tokens: pd.DataFrame, gate: pd.DataFram
     side = int(round(np.sqrt(len(per_token))))
     if side * side == len(per_token):
         sns.heatmap(per_token.to_numpy().reshape(side, side), ax=axes[1], cmap="viridis", annot=side <= 8,
-                    fmt=".2f", cbar_kws={"label": "mean ‖injected‖ / ‖h‖"})
+                    fmt=".2g", cbar_kws={"label": "mean ‖injected‖ / ‖h‖"})
         axes[1].set_title("per image-token position (row-major grid)", fontsize=9)
     else:
         axes[1].plot(per_token.index, per_token.values, marker="o", ms=2)
