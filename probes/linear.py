@@ -277,11 +277,15 @@ def _design(x: torch.Tensor, rank: int = 256, exact_up_to: int = 512) -> _Design
     mean = x.mean(1, keepdim=True)
     xs = x - mean
     std = xs.square().mean(1, keepdim=True).sqrt()
-    std = torch.where(std > 0, std, torch.ones_like(std))  # constant features are left as they are
+    # (near-)constant features are left as they are: dividing rounding noise by its own tiny spread would
+    # blow it up into a feature (or into inf)
+    constant = std <= 1e-6 * mean.abs().clamp_min(1.0)
+    xs = torch.where(constant, torch.zeros_like(xs), xs)
+    std = torch.where(constant, torch.ones_like(std), std)
     xs = xs / std
     exact = d <= exact_up_to
     if exact:
-        top, V = torch.linalg.eigh(xs.mT @ xs / n)
+        top, V = _eigh(xs.mT @ xs / n)
         rest = torch.zeros_like(top[:, 0])
     else:
         top, V = _top_eigen(xs, rank)
@@ -289,6 +293,19 @@ def _design(x: torch.Tensor, rank: int = 256, exact_up_to: int = 512) -> _Design
         rest = (trace - top.sum(-1)).clamp_min(0) / (d - rank)
     Z = torch.cat([xs, torch.ones_like(xs[:, :, :1])], 2)
     return _Design(Z=Z, mean=mean, std=std, V=V, top=top.clamp_min(0), rest=rest, exact=exact)
+
+
+def _eigh(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh``, retried in float64 with a small ridge when the float32 solver fails to
+    converge (clustered eigenvalues of nearly degenerate layers)."""
+    try:
+        return torch.linalg.eigh(cov)
+    except torch.linalg.LinAlgError:
+        d = cov.shape[-1]
+        eye = torch.eye(d, dtype=torch.float64, device=cov.device)
+        ridge = 1e-9 * cov.diagonal(dim1=-2, dim2=-1).sum(-1).double().clamp_min(1.0)[:, None, None] / d
+        top, V = torch.linalg.eigh(cov.double() + ridge * eye)
+        return top.to(cov.dtype), V.to(cov.dtype)
 
 
 def _top_eigen(xs: torch.Tensor, rank: int, oversample: int = 16, power: int = 2):

@@ -357,3 +357,20 @@ def test_folds_that_split_a_group_are_refused():
 )
 def test_bad_options_are_refused(kwargs, match):
     raises_one_line(ConfigError, match, sweep, *layered_data(), **kwargs)
+
+
+def test_constant_and_nearly_constant_layers_are_probed_at_chance_without_failing():
+    """At the last token, layer 0 is one text embedding for every image: constant up to rounding. The
+    standardisation must not blow rounding noise up into features, and the fit must not fail."""
+    rng = np.random.default_rng(0)
+    n, d = 96, 64
+    y = np.arange(n) % 2
+    groups = np.arange(n) // 2
+    signal = rng.standard_normal((n, d)).astype(np.float32) + 2.0 * y[:, None]
+    constant = np.full((n, d), 0.37, dtype=np.float32)
+    rounding = constant + rng.standard_normal((n, d)).astype(np.float32) * 1e-9
+    X = np.stack([constant, rounding, signal], axis=1)  # [n, 3 layers, d]
+    result = sweep(X, y, groups, n_folds=3, seeds=(0,), Cs=(0.01, 1.0), inner_folds=2)
+    acc = result.table.groupby("layer").accuracy.mean()
+    assert np.isfinite(result.table.accuracy).all()
+    assert acc[0] <= 0.6 and acc[1] <= 0.6 and acc[2] >= 0.9
