@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DEEPVRM_LENS_CACHE", str(REPO / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: see analysis.py
+if os.getloadavg()[0] > (os.cpu_count() or 1) + 1:  # a busy CPU: see analysis._openmp_wait_policy
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
