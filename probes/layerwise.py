@@ -110,17 +110,22 @@ def run_layerwise(
 ) -> LayerwiseResult:
     """Probe every task of ``config`` on ``store`` (captured from ``records``, matched by id)."""
     config = config or LayerwiseConfig()
-    with _threads(config.threads):
+    with limit_threads(config.threads):
         return _run(store, records, config, progress)
 
 
 @contextlib.contextmanager
-def _threads(n: int | None):
+def limit_threads(n: int | None):
+    """Torch CPU threads set to ``n`` (None: as they are), and numpy's BLAS limited to the same number:
+    their default of every core is many times slower on a shared machine."""
+    from threadpoolctl import threadpool_limits
+
     previous = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
     try:
-        yield
+        with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(previous)
 

@@ -7,20 +7,19 @@ provenance hash of every setting that changes a number (device, threads, batch s
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
-import torch
 
 from probes.backbones.base import BackboneAdapter, LoadSettings
 from probes.errors import BadInputError, ConfigError
+from probes.layerwise import limit_threads
 from probes.storage import (
     atomic_dir,
     cache_root,
@@ -201,20 +200,7 @@ def provenance(config: InspectConfig, **extra) -> dict[str, Any]:
     return {"config": config.to_dict(), "config_hash": config.hash(), "versions": library_versions(), **extra}
 
 
-@contextlib.contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    """Torch CPU threads set to ``n`` (None: as they are), and numpy's BLAS limited to the same number: its
-    default of every core is many times slower on a shared machine."""
-    from threadpoolctl import threadpool_limits
-
-    previous = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-            yield
-    finally:
-        torch.set_num_threads(previous)
+threads = limit_threads  # torch threads and numpy's BLAS together (probes.layerwise)
 
 
 # --- bootstrap of means --------------------------------------------------------------------------
